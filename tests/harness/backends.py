@@ -80,8 +80,9 @@ def probe_product(url: str) -> tuple[str, str]:
 def _environment_backend(url: str) -> BackendInfo:
     if not url.strip():
         raise BackendUnavailable(
-            "DATABASE_URL is set but empty. Set it to postgresql://USER:PASSWORD@HOST:PORT/DATABASE "
-            "or unset it to let the tests start a database."
+            "DATABASE_URL is set but empty. Set it to "
+            "postgresql://USER:PASSWORD@HOST:PORT/DATABASE or unset it to let the tests "
+            "start a database."
         )
     endpoint = parse_endpoint(url)
     try:

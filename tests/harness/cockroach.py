@@ -139,7 +139,9 @@ class CockroachContainer:
         try:
             self._container.start()
         except Exception as error:  # image pulls and engine errors have no common base class
-            raise CockroachUnavailable(f"the CockroachDB container did not start: {error}") from error
+            raise CockroachUnavailable(
+                f"the CockroachDB container did not start: {error}"
+            ) from error
 
     def restart(self) -> None:
         # Docker can map the ports anew on a restart, which would change the URL under the test.

@@ -88,7 +88,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     info = config.stash.get(BACKEND_KEY, None)
     for item in items:
         if item.get_closest_marker("cockroachdb_only") and info and not info.is_cockroachdb:
-            item.add_marker(pytest.mark.skip(reason=f"needs CockroachDB; this run uses {info.describe()}"))
+            item.add_marker(
+                pytest.mark.skip(reason=f"needs CockroachDB; this run uses {info.describe()}")
+            )
 
 
 @pytest.fixture(scope="session")

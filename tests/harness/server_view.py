@@ -87,8 +87,9 @@ class ServerView:
             rf"connection authorized: .*\bdatabase={re.escape(self.database)} "
             rf"application_name={re.escape(self.database)}(\s|$)"
         )
-        return sum(1 for line in log_path.read_text(errors="replace").splitlines()
-                   if pattern.search(line))
+        return sum(
+            1 for line in log_path.read_text(errors="replace").splitlines() if pattern.search(line)
+        )
 
     def _count_database_sessions(self) -> int:
         # pg_stat_database.sessions (PostgreSQL 14+) lags by up to about a second, because

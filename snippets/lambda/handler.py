@@ -1,0 +1,105 @@
+"""AWS Lambda handler that stores one event per invocation through a pool kept across calls."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import os
+import threading
+from typing import Any
+
+from psycopg_pool import ConnectionPool
+
+MAX_MESSAGE_LENGTH = 1000
+
+# Module scope lives as long as the execution environment, so every warm invocation
+# reuses this pool and its one connection. It is created by the first invocation.
+pool: ConnectionPool | None = None
+# Threads of one instance may race to create it; the lock lets one win.
+pool_lock = threading.Lock()
+
+
+class BadRequest(ValueError):
+    """The event cannot be stored; the message is safe to return to the caller."""
+
+
+def database_url() -> str:
+    if url := os.environ.get("DATABASE_URL"):
+        return url
+    raise RuntimeError(
+        "DATABASE_URL is not set: add the connection string to the function's environment"
+    )
+
+
+def get_pool() -> ConnectionPool:
+    global pool
+    with pool_lock:
+        if pool is None:
+            pool = ConnectionPool(
+                database_url(),
+                min_size=0,  # open nothing before an invocation needs a connection
+                max_size=1,  # an instance serves one request at a time
+                max_lifetime=30 * 60,  # seconds; replaced when returned after that
+                check=ConnectionPool.check_connection,  # a round trip at checkout
+                timeout=5.0,  # seconds to wait for a connection, within the function timeout
+                open=True,
+            )
+    return pool
+
+
+def parse_message(event: Any) -> str:
+    body = event.get("body") if isinstance(event, dict) else None
+    if not isinstance(body, str):
+        raise BadRequest("the request has no body")
+
+    if event.get("isBase64Encoded"):
+        try:
+            body = base64.b64decode(body, validate=True).decode("utf-8")
+        except (binascii.Error, UnicodeDecodeError):
+            raise BadRequest("the body is not valid base64-encoded UTF-8") from None
+
+    try:
+        payload = json.loads(body)
+    except json.JSONDecodeError:
+        raise BadRequest("the body is not valid JSON") from None
+
+    message = payload.get("message") if isinstance(payload, dict) else None
+    if not isinstance(message, str) or not message.strip():
+        raise BadRequest('"message" must be a non-empty string')
+    if len(message) > MAX_MESSAGE_LENGTH:
+        raise BadRequest(f'"message" is longer than {MAX_MESSAGE_LENGTH} characters')
+    return message
+
+
+def response(status: int, payload: dict[str, str]) -> dict[str, Any]:
+    return {
+        "statusCode": status,
+        "headers": {"content-type": "application/json"},
+        "body": json.dumps(payload),
+    }
+
+
+def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
+    try:
+        message = parse_message(event)
+    except BadRequest as error:
+        return response(400, {"error": str(error)})
+
+    # The block commits when it ends normally and rolls back when it raises; either
+    # way the connection goes back to the pool.
+    with get_pool().connection() as connection:
+        row = connection.execute(
+            "INSERT INTO events (request_id, message) VALUES (%s, %s) "
+            "ON CONFLICT (request_id) DO NOTHING RETURNING id",
+            (context.aws_request_id, message),
+        ).fetchone()
+        status = 201
+        if row is None:
+            # Lambda can deliver the same request twice; the first delivery stored it.
+            row = connection.execute(
+                "SELECT id FROM events WHERE request_id = %s", (context.aws_request_id,)
+            ).fetchone()
+            status = 200
+
+    return response(status, {"id": str(row[0])})
