@@ -117,9 +117,10 @@ class SnippetLoader:
         self._modules.clear()
 
 
-def close_pools(module: ModuleType) -> None:
-    """Close every connection pool or engine that a module keeps at its top level."""
-    for value in list(vars(module).values()):
+def close_pools(namespace: ModuleType | dict[str, object]) -> None:
+    """Close every connection pool or engine that a module (or its globals) keeps."""
+    values = namespace if isinstance(namespace, dict) else vars(namespace)
+    for value in list(values.values()):
         closer = None
         type_name = f"{type(value).__module__}.{type(value).__qualname__}"
         if type_name.startswith("psycopg_pool.") and hasattr(value, "close"):

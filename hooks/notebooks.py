@@ -1,0 +1,40 @@
+"""MkDocs hook: reject a notebook page whose stored outputs are incomplete or contain an error.
+
+The site shows the outputs saved in each notebook instead of running it at build time, so
+this check keeps a notebook with an error, or with cells never run, off the site.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from mkdocs.exceptions import PluginError
+
+
+def notebook_problems(path: Path) -> list[str]:
+    """Return what is wrong with a notebook's stored outputs; an empty list when nothing is."""
+    notebook = json.loads(path.read_text("utf-8"))
+    problems = []
+    for number, cell in enumerate(notebook.get("cells", []), start=1):
+        if cell.get("cell_type") != "code" or not "".join(cell.get("source", [])).strip():
+            continue
+        if cell.get("execution_count") is None:
+            problems.append(f"cell {number} was never run")
+        for output in cell.get("outputs", []):
+            if output.get("output_type") == "error":
+                problems.append(f"cell {number} raised {output.get('ename', 'an error')}")
+    return problems
+
+
+def on_files(files, config):
+    for file in files:
+        if not file.src_path.endswith(".ipynb"):
+            continue
+        problems = notebook_problems(Path(file.abs_src_path))
+        if problems:
+            raise PluginError(
+                f"{file.src_path}: {'; '.join(problems)}. Run `nox -s notebooks` to execute "
+                "it again and save the outputs."
+            )
+    return files
