@@ -24,7 +24,7 @@ def snippet_files() -> set[str]:
     }
 
 
-def tested_snippets() -> set[str]:
+def snippets_named_by_tests() -> set[str]:
     found: set[str] = set()
     for test_file in TESTS.rglob("test_*.py"):
         found |= marked_snippets(test_file)
@@ -48,7 +48,7 @@ def test_every_snippet_included_by_page():
 
 
 def test_every_included_snippet_tested():
-    untested = set(page_includes(DOCS)) - tested_snippets()
+    untested = set(page_includes(DOCS)) - snippets_named_by_tests()
 
     assert untested == set()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from tests.harness.snippets import close_pools
 DOCS = Path("docs")
 # Narrower than the project's 100, so a block fits the page without scrolling.
 LINE_LENGTH = 88
+OUTPUT_MARK = "PRINT-OUTPUT"
 BLOCKS = list(python_blocks(DOCS))
 
 
@@ -72,16 +74,19 @@ def test_python_block(
 
 
 def ruff_formatted(source: str) -> str:
+    """Return *source* as `ruff format` writes it, leaving `#>` output lines as they are."""
+    # ruff would turn "#>" into "# >", which pytest-examples no longer reads as output.
+    masked = re.sub(r"^(\s*)#>", rf"\1# {OUTPUT_MARK}", source, flags=re.M)
     result = subprocess.run(
         [find_ruff_bin(), "format", f"--line-length={LINE_LENGTH}", "-"],
-        input=source,
+        input=masked,
         capture_output=True,
         text=True,
         check=False,
     )
     if result.returncode != 0:
         pytest.fail(f"ruff format failed: {result.stderr.strip()}", pytrace=False)
-    return result.stdout
+    return result.stdout.replace(f"# {OUTPUT_MARK}", "#>")
 
 
 def test_pages_have_python_blocks():

@@ -59,20 +59,33 @@ def unload_module(module: ModuleType) -> None:
 
 
 def marked_snippets(test_file: Path) -> set[str]:
-    """Return the paths named by @pytest.mark.snippet(...) in a test module's source."""
+    """Return the paths named by @pytest.mark.snippet(...) in a test module's source.
+
+    A path may be written as a string or as a module-level constant holding one.
+    """
     tree = ast.parse(test_file.read_text(), filename=str(test_file))
+    constants = {
+        target.id: node.value.value
+        for node in tree.body
+        if isinstance(node, ast.Assign)
+        and isinstance(node.value, ast.Constant)
+        and isinstance(node.value.value, str)
+        for target in node.targets
+        if isinstance(target, ast.Name)
+    }
+
     found = set()
     for node in ast.walk(tree):
         if not isinstance(node, ast.Call) or not node.args:
             continue
         function = node.func
-        if (
-            isinstance(function, ast.Attribute)
-            and function.attr == "snippet"
-            and isinstance(node.args[0], ast.Constant)
-            and isinstance(node.args[0].value, str)
-        ):
-            found.add(node.args[0].value)
+        if not (isinstance(function, ast.Attribute) and function.attr == "snippet"):
+            continue
+        argument = node.args[0]
+        if isinstance(argument, ast.Constant) and isinstance(argument.value, str):
+            found.add(argument.value)
+        elif isinstance(argument, ast.Name) and argument.id in constants:
+            found.add(constants[argument.id])
     return found
 
 
