@@ -12,9 +12,12 @@ from pathlib import Path
 from mkdocs.exceptions import PluginError
 
 
-def notebook_problems(path: Path) -> list[str]:
-    """Return what is wrong with a notebook's stored outputs; an empty list when nothing is."""
-    notebook = json.loads(path.read_text("utf-8"))
+def read_notebook(path: Path) -> dict:
+    return json.loads(path.read_text("utf-8"))
+
+
+def notebook_problems(notebook: dict) -> list[str]:
+    """Return what is wrong with a notebook's outputs; an empty list when nothing is."""
     problems = []
     for number, cell in enumerate(notebook.get("cells", []), start=1):
         if cell.get("cell_type") != "code" or not "".join(cell.get("source", [])).strip():
@@ -31,7 +34,7 @@ def on_files(files, config):
     for file in files:
         if not file.src_path.endswith(".ipynb"):
             continue
-        problems = notebook_problems(Path(file.abs_src_path))
+        problems = notebook_problems(read_notebook(Path(file.abs_src_path)))
         if problems:
             raise PluginError(
                 f"{file.src_path}: {'; '.join(problems)}. Run `nox -s notebooks` to execute "
