@@ -55,8 +55,12 @@ def test(session: nox.Session) -> None:
     session.run("python", "-m", "tests.harness.node", "install", success_codes=[0, 3])
 
     arguments = list(session.posargs)
+    parallel = any(argument.startswith(("-n", "--numprocesses")) for argument in arguments)
     # pytest-examples rewrites pages from one process only, so updates run serially.
-    if "--update-examples" not in arguments and not any(a.startswith("-n") for a in arguments):
+    if "--update-examples" in arguments:
+        if parallel:
+            session.error("--update-examples rewrites pages from one process: drop the -n option")
+    elif not parallel:
         arguments = ["-n", "auto", *arguments]
     session.run("python", "-m", "pytest", *arguments)
 

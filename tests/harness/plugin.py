@@ -32,8 +32,10 @@ BACKEND_KEY = pytest.StashKey[BackendInfo]()
 SERVER_KEY = pytest.StashKey[Server | None]()
 WORKER_INPUT_KEY = "serverless_guide_backend"
 
-# user_properties that mark a test as one code example, for the closing summary.
+# user_properties that mark a test as one code example, or name a snippet file it ran,
+# for the closing summary.
 EXAMPLE_LANGUAGE = "example_language"
+SNIPPET_FILE = "snippet_file"
 
 
 def _is_worker(config: pytest.Config) -> bool:
@@ -118,6 +120,7 @@ def snippets(request: pytest.FixtureRequest, database: TestDatabase) -> Iterator
     loader = SnippetLoader(marked)
     yield loader
     loader.close()
+    request.node.user_properties.extend((SNIPPET_FILE, path) for path in sorted(loader.loaded))
     never_loaded = marked - loader.loaded
     if never_loaded:
         pytest.fail(f"marked with snippet {sorted(never_loaded)} but never loaded it")
@@ -157,9 +160,15 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
 
     outcomes: Counter[tuple[str, str]] = Counter()
     skip_reasons: Counter[str] = Counter()
-    for outcome in ("passed", "failed", "skipped", "error"):
+    snippet_files: set[str] = set()
+    # Passing setup and teardown reports are filed under "", the rest by their outcome.
+    for outcome in ("", "passed", "failed", "skipped", "error"):
         for report in terminalreporter.stats.get(outcome, []):
-            language = dict(getattr(report, "user_properties", ())).get(EXAMPLE_LANGUAGE)
+            properties = getattr(report, "user_properties", ())
+            snippet_files.update(value for name, value in properties if name == SNIPPET_FILE)
+            if outcome == "":
+                continue
+            language = dict(properties).get(EXAMPLE_LANGUAGE)
             if language is None:
                 continue
             if outcome == "passed" and report.when != "call":
@@ -179,6 +188,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
         terminalreporter.line(f"{language} examples: {counts}")
     if not outcomes:
         terminalreporter.line("no code examples were selected in this run")
+    if snippet_files:
+        terminalreporter.line(f"snippet files executed: {len(snippet_files)}")
     for reason, count in sorted(skip_reasons.items()):
         terminalreporter.line(f"skipped {count}: {reason}")
 
