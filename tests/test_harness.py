@@ -24,9 +24,12 @@ from tests.harness.urls import InvalidDatabaseURL, parse_endpoint, redact
 PASSWORD = "s3cret-Passw0rd"
 
 SLEEPING_TEST = """
+import os
+import pathlib
 import time
 
 def test_sleeps(database):
+    pathlib.Path(os.environ["STARTED_MARKER"]).touch()
     time.sleep(60)
 """
 
@@ -144,17 +147,18 @@ def test_stand_in_removed_after_run(tmp_path, nested_tmpdir):
 def test_stand_in_removed_after_interrupt(tmp_path, nested_tmpdir):
     test_file = tmp_path / "test_nested.py"
     test_file.write_text(SLEEPING_TEST)
+    marker = tmp_path / "started"
     process = subprocess.Popen(
         nested_pytest(test_file),
         cwd=ROOT,
-        env=clean_environment(TMPDIR=str(nested_tmpdir)),
+        env=clean_environment(TMPDIR=str(nested_tmpdir), STARTED_MARKER=str(marker)),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     )
 
-    started = wait_for_server_directory(nested_tmpdir, timeout=60)
-    time.sleep(2)
+    # Interrupt while the test body runs, with the server up and a database in use.
+    started = wait_for_path(marker, timeout=120)
     process.send_signal(signal.SIGINT)
     output, _ = process.communicate(timeout=60)
 
@@ -179,10 +183,10 @@ def processes_mentioning(directory: Path) -> list[int]:
     return found
 
 
-def wait_for_server_directory(directory: Path, timeout: float) -> bool:
+def wait_for_path(path: Path, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if any(directory.iterdir()):
+        if path.exists():
             return True
         time.sleep(0.1)
     return False

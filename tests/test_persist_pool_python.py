@@ -154,6 +154,7 @@ def test_recovers_after_server_restart(private_server, snippets, monkeypatch):
         {"body": json.dumps({"message": "x" * 1001})},
         {"body": "%%%", "isBase64Encoded": True},
         {"body": "//79", "isBase64Encoded": True},
+        {"body": json.dumps({"message": "a\u0000b"})},
     ],
     ids=[
         "no-body",
@@ -166,6 +167,7 @@ def test_recovers_after_server_restart(private_server, snippets, monkeypatch):
         "long-message",
         "bad-base64",
         "not-utf8",
+        "nul-character",
     ],
 )
 def test_bad_event_rejected_without_write(function_database, snippets, event):

@@ -67,6 +67,9 @@ def parse_message(event: Any) -> str:
     message = payload.get("message") if isinstance(payload, dict) else None
     if not isinstance(message, str) or not message.strip():
         raise BadRequest('"message" must be a non-empty string')
+    if "\x00" in message:
+        # PostgreSQL text cannot hold NUL, so the insert would fail as a server error.
+        raise BadRequest('"message" must not contain NUL characters')
     if len(message) > MAX_MESSAGE_LENGTH:
         raise BadRequest(f'"message" is longer than {MAX_MESSAGE_LENGTH} characters')
     return message
