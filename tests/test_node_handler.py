@@ -1,7 +1,9 @@
 """The Node.js Lambda handler in snippets/lambda/handler.mjs, run in one long-lived node process.
 
-Connections are counted at the database server. The tests named "broken" run a copy of the
-handler with one line changed, to show that the same checks catch the mistake.
+The handler imports snippets/pool/pool.mjs from the same directory, so each test writes both
+files side by side, as one deployment package contains them. Connections are counted at the
+database server. The tests named "broken" run a copy of the handler or of the pool module with
+one line changed, to show that the same checks catch the mistake.
 """
 
 from __future__ import annotations
@@ -30,11 +32,16 @@ from tests.harness.server_view import Session
 from tests.harness.snippets import SnippetLoader
 
 HANDLER = "lambda/handler.mjs"
+POOL = "pool/pool.mjs"
 SCHEMA = "lambda/schema.sql"
 WARM_INVOCATIONS = 50
 CONCURRENT_INVOCATIONS = 4
 
-pytestmark = [pytest.mark.snippet(HANDLER), pytest.mark.snippet(SCHEMA)]
+pytestmark = [
+    pytest.mark.snippet(HANDLER),
+    pytest.mark.snippet(POOL),
+    pytest.mark.snippet(SCHEMA),
+]
 
 
 @pytest.fixture(scope="session")
@@ -68,9 +75,23 @@ def failures(invocations: list[Invocation]) -> list[str]:
 
 @contextmanager
 def running_handler(
-    directory: Path, source: str, database_url: str | None
+    directory: Path,
+    snippets: SnippetLoader,
+    database_url: str | None,
+    *,
+    handler_source: str | None = None,
+    pool_source: str | None = None,
 ) -> Iterator[NodeHandlerProcess]:
-    prepare_workspace(directory, {"handler.mjs": source})
+    """Run handler.mjs with pool.mjs beside it, in one long-lived node process.
+
+    *handler_source* or *pool_source*, a broken copy, replaces the snippet's own text.
+    """
+    if handler_source is None:
+        handler_source = snippets.source(HANDLER)
+    if pool_source is None:
+        pool_source = snippets.source(POOL)
+
+    prepare_workspace(directory, {"handler.mjs": handler_source, "pool.mjs": pool_source})
     environment = {"DATABASE_URL": database_url} if database_url is not None else {}
     with NodeHandlerProcess(directory / "handler.mjs", environment) as handler:
         yield handler
@@ -97,7 +118,7 @@ def test_handler_warm_invocations_reuse_connection(
 ) -> None:
     prepare_schema(database, snippets)
 
-    with running_handler(tmp_path, snippets.source(HANDLER), database.url) as handler:
+    with running_handler(tmp_path, snippets, database.url) as handler:
         invocations = [handler.invoke(message_event(f"n{n}")) for n in range(WARM_INVOCATIONS)]
 
     assert failures(invocations) == []
@@ -109,9 +130,9 @@ def test_handler_broken_pool_per_invocation(
     node_modules: Path, database: TestDatabase, snippets: SnippetLoader, tmp_path: Path
 ) -> None:
     prepare_schema(database, snippets)
-    source = snippets.source(HANDLER, (("pool === undefined", "true"),))
+    pool_source = snippets.source(POOL, (("pool === undefined", "true"),))
 
-    with running_handler(tmp_path, source, database.url) as handler:
+    with running_handler(tmp_path, snippets, database.url, pool_source=pool_source) as handler:
         invocations = [handler.invoke(message_event(f"n{n}")) for n in range(WARM_INVOCATIONS)]
 
     assert failures(invocations) == []
@@ -123,7 +144,7 @@ def test_handler_rows_committed(
 ) -> None:
     prepare_schema(database, snippets)
 
-    with running_handler(tmp_path, snippets.source(HANDLER), database.url) as handler:
+    with running_handler(tmp_path, snippets, database.url) as handler:
         invocations, _, sessions = run_warm_invocations(handler, database)
 
         visible_rows = database.count_rows("events")
@@ -138,11 +159,13 @@ def test_handler_broken_transaction_left_open(
 ) -> None:
     prepare_schema(database, snippets)
     opened_transaction = 'await client.query("BEGIN");\n    const inserted = await client.query('
-    source = snippets.source(
+    handler_source = snippets.source(
         HANDLER, (("const inserted = await client.query(", opened_transaction),)
     )
 
-    with running_handler(tmp_path, source, database.url) as handler:
+    with running_handler(
+        tmp_path, snippets, database.url, handler_source=handler_source
+    ) as handler:
         invocations, _, sessions = run_warm_invocations(handler, database)
 
         visible_rows = database.count_rows("events")
@@ -157,7 +180,7 @@ def test_handler_returns_client_each_time(
 ) -> None:
     prepare_schema(database, snippets)
 
-    with running_handler(tmp_path, snippets.source(HANDLER), database.url) as handler:
+    with running_handler(tmp_path, snippets, database.url) as handler:
         invocations, stats, sessions = run_warm_invocations(handler, database)
 
     assert failures(invocations) == []
@@ -172,9 +195,9 @@ def test_handler_broken_client_never_released(
     node_modules: Path, database: TestDatabase, snippets: SnippetLoader, tmp_path: Path
 ) -> None:
     prepare_schema(database, snippets)
-    source = snippets.source(HANDLER, (("release(client, failure);", ""),))
+    pool_source = snippets.source(POOL, (("release(client, failure);", ""),))
 
-    with running_handler(tmp_path, source, database.url) as handler:
+    with running_handler(tmp_path, snippets, database.url, pool_source=pool_source) as handler:
         first = handler.invoke(message_event("first"))
         stats = handler.pool_stats()
         second = handler.invoke(message_event("second"))
@@ -191,7 +214,7 @@ def test_handler_concurrent_invocations_one_connection(
     prepare_schema(database, snippets)
     events = [message_event(f"concurrent {n}") for n in range(CONCURRENT_INVOCATIONS)]
 
-    with running_handler(tmp_path, snippets.source(HANDLER), database.url) as handler:
+    with running_handler(tmp_path, snippets, database.url) as handler:
         invocations = handler.invoke_concurrently(events)
         stats = handler.pool_stats()
 
@@ -206,10 +229,10 @@ def test_handler_broken_pool_max_above_one(
     node_modules: Path, database: TestDatabase, snippets: SnippetLoader, tmp_path: Path
 ) -> None:
     prepare_schema(database, snippets)
-    source = snippets.source(HANDLER, (("max: 1,", "max: 10,"),))
+    pool_source = snippets.source(POOL, (("max: 1,", "max: 10,"),))
     events = [message_event(f"concurrent {n}") for n in range(CONCURRENT_INVOCATIONS)]
 
-    with running_handler(tmp_path, source, database.url) as handler:
+    with running_handler(tmp_path, snippets, database.url, pool_source=pool_source) as handler:
         invocations = handler.invoke_concurrently(events)
 
     assert failures(invocations) == []
@@ -226,7 +249,7 @@ def test_handler_reconnects_after_terminate(
 ) -> None:
     prepare_schema(database, snippets)
 
-    with running_handler(tmp_path, snippets.source(HANDLER), database.url) as handler:
+    with running_handler(tmp_path, snippets, database.url) as handler:
         before = handler.invoke(message_event("before"))
 
         if frozen:
@@ -246,9 +269,9 @@ def test_handler_broken_no_checkout_check(
     node_modules: Path, database: TestDatabase, snippets: SnippetLoader, tmp_path: Path
 ) -> None:
     prepare_schema(database, snippets)
-    source = snippets.source(HANDLER, (('await client.query("SELECT 1");', ""),))
+    pool_source = snippets.source(POOL, (('await client.query("SELECT 1");', ""),))
 
-    with running_handler(tmp_path, source, database.url) as handler:
+    with running_handler(tmp_path, snippets, database.url, pool_source=pool_source) as handler:
         before = handler.invoke(message_event("before"))
         after = handler.invoke_after_freeze(message_event("after"), database.view.terminate)
 
@@ -260,9 +283,9 @@ def test_handler_broken_no_pool_error_listener(
     node_modules: Path, database: TestDatabase, snippets: SnippetLoader, tmp_path: Path
 ) -> None:
     prepare_schema(database, snippets)
-    source = snippets.source(HANDLER, (('created.on("error", (error) => {', "((error) => {"),))
+    pool_source = snippets.source(POOL, (('created.on("error", (error) => {', "((error) => {"),))
 
-    with running_handler(tmp_path, source, database.url) as handler:
+    with running_handler(tmp_path, snippets, database.url, pool_source=pool_source) as handler:
         before = handler.invoke(message_event("before"))
         database.view.terminate()
 
@@ -280,7 +303,7 @@ def test_handler_reconnects_after_restart(
     database = private_server.database
     prepare_schema(database, snippets)
 
-    with running_handler(tmp_path, snippets.source(HANDLER), database.url) as handler:
+    with running_handler(tmp_path, snippets, database.url) as handler:
         before = handler.invoke(message_event("before"))
 
         if frozen:
@@ -303,7 +326,7 @@ def test_handler_retry_inserts_once(
     prepare_schema(database, snippets)
     request_id = str(uuid.uuid4())
 
-    with running_handler(tmp_path, snippets.source(HANDLER), database.url) as handler:
+    with running_handler(tmp_path, snippets, database.url) as handler:
         first = handler.invoke(message_event("once"), request_id=request_id)
         retry = handler.invoke(message_event("once"), request_id=request_id)
 
@@ -347,7 +370,7 @@ def test_handler_rejects_bad_event(
 ) -> None:
     prepare_schema(database, snippets)
 
-    with running_handler(tmp_path, snippets.source(HANDLER), database.url) as handler:
+    with running_handler(tmp_path, snippets, database.url) as handler:
         invocation = handler.invoke(event)
 
     assert invocation.error is None
@@ -378,7 +401,7 @@ def test_handler_stores_valid_message(
     body = json.dumps({"message": message})
     event = http_event(_base64(body), base64_encoded=True) if encoded else http_event(body)
 
-    with running_handler(tmp_path, snippets.source(HANDLER), database.url) as handler:
+    with running_handler(tmp_path, snippets, database.url) as handler:
         invocation = handler.invoke(event)
 
     with database.connect() as connection:
@@ -394,7 +417,7 @@ def test_handler_missing_url_names_variable(
 ) -> None:
     prepare_schema(database, snippets)
 
-    with running_handler(tmp_path, snippets.source(HANDLER), None) as handler:
+    with running_handler(tmp_path, snippets, None) as handler:
         invocation = handler.invoke(message_event("no database"))
 
     assert invocation.error is not None
@@ -407,7 +430,7 @@ def test_handler_logs_omit_connection_string(
     prepare_schema(database, snippets)
     password = urlsplit(database.url).password
 
-    with running_handler(tmp_path, snippets.source(HANDLER), database.url) as handler:
+    with running_handler(tmp_path, snippets, database.url) as handler:
         handler.invoke(message_event("first"))
         database.view.terminate()
         handler.wait_until_pool_empty()

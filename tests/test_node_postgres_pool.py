@@ -1,4 +1,4 @@
-"""The node-postgres pool in snippets/pool/node_postgres_pool.mjs, driven through a small handler.
+"""The node-postgres pool in snippets/pool/pool.mjs, driven through a small handler.
 
 Connections are counted at the database server. The tests named "broken" run a copy of the
 pool module with one line changed, to show that the same checks catch the mistake.
@@ -17,14 +17,14 @@ from tests.harness.databases import TestDatabase
 from tests.harness.node import NodeHandlerProcess, NodeProcessError, prepare_workspace, require_node
 from tests.harness.snippets import SnippetLoader
 
-POOL = "pool/node_postgres_pool.mjs"
+POOL = "pool/pool.mjs"
 CONCURRENT_CALLS = 4
 # Longer than the 1-second lifetime of the changed copy, with room for timer delays.
 LIFETIME_WAIT_SECONDS = 2.5
 
 # Each call holds its connection for event.holdSeconds, so that concurrent calls overlap.
 CALLER = """\
-import { getPool, withClient } from "./node_postgres_pool.mjs";
+import { getPool, withClient } from "./pool.mjs";
 
 export { getPool };
 
@@ -50,7 +50,7 @@ def node_modules() -> Path:
 def running_pool(
     directory: Path, pool_source: str, database_url: str | None
 ) -> Iterator[NodeHandlerProcess]:
-    prepare_workspace(directory, {"node_postgres_pool.mjs": pool_source, "caller.mjs": CALLER})
+    prepare_workspace(directory, {"pool.mjs": pool_source, "caller.mjs": CALLER})
     environment = {"DATABASE_URL": database_url} if database_url is not None else {}
     with NodeHandlerProcess(directory / "caller.mjs", environment) as caller:
         yield caller
