@@ -27,7 +27,7 @@ SOURCE_STAND_IN = "local PostgreSQL stand-in"
 
 
 class BackendUnavailable(RuntimeError):
-    """No database server could be used; the message says what was tried and how to fix it."""
+    """No database server could be used; the message lists what was tried and how to fix it."""
 
 
 class Server(Protocol):

@@ -91,7 +91,7 @@ class CockroachBinary:
 
 
 def docker_engine_problem() -> str | None:
-    """Return why no Docker engine can be used, or None when one answers a ping."""
+    """Return why no Docker engine can be used, or None when one responds to a ping."""
     try:
         import docker
     except ImportError:
@@ -127,7 +127,7 @@ class CockroachContainer:
 
         image = os.environ.get("COCKROACH_IMAGE", DEFAULT_IMAGE)
         # The class always sets a password, so the node runs in secure mode and the URL
-        # asks for sslmode=require; the plain dialect gives a URL that psycopg accepts.
+        # sets sslmode=require; the plain dialect gives a URL that psycopg accepts.
         self._container = CockroachDBContainer(image, dialect="postgresql")
         self.log_path = None
 

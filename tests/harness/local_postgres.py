@@ -35,7 +35,7 @@ class PostgresUnavailable(RuntimeError):
 
 
 def find_server_binaries() -> Path:
-    """Return the directory that holds initdb and postgres, preferring the newest version."""
+    """Return the directory that contains initdb and postgres, preferring the newest version."""
     on_path = shutil.which("initdb")
     if on_path and shutil.which("postgres"):
         return Path(os.path.realpath(on_path)).parent

@@ -31,9 +31,9 @@ class ServerView:
     """Counts and ends the sessions of one test database.
 
     A test's sessions are those whose application_name is the test database's name, which
-    the test URL sets; on PostgreSQL they must also be connected to that database.
+    the test URL sets. On PostgreSQL they must also be connected to that database.
     `harness_connections` returns how many connections the harness itself opened to the
-    database, which only the statistics-based count cannot tell apart.
+    database, because the statistics-based count cannot tell those apart.
     """
 
     def __init__(
