@@ -42,7 +42,8 @@ def get_pool() -> ConnectionPool:
                 max_size=1,  # an instance serves one request at a time
                 max_lifetime=30 * 60,  # seconds; replaced when returned after that
                 check=ConnectionPool.check_connection,  # a round trip at checkout
-                timeout=5.0,  # seconds to wait for a connection; the function timeout must be longer
+                # Seconds to wait for a connection; the function timeout must be longer.
+                timeout=5.0,
                 open=True,
             )
     return pool
