@@ -75,6 +75,13 @@ def lint(session: nox.Session) -> None:
 
 
 @nox.session
+def facts(session: nox.Session) -> None:
+    """List facts in facts.yml last checked more than a year ago; fail when there are any."""
+    install_group(session, "test")
+    session.run("python", "-m", "tests.harness.facts", "stale", *session.posargs)
+
+
+@nox.session
 def notebooks(session: nox.Session) -> None:
     """Execute the tutorial notebooks against a database and save their outputs."""
     install_group(session, "test")
