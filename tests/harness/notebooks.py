@@ -20,17 +20,24 @@ from tests.harness.urls import InvalidDatabaseURL
 ROOT = Path(__file__).resolve().parents[2]
 TUTORIALS = ROOT / "docs" / "tutorials"
 CELL_TIMEOUT_SECONDS = 600
+# The sizes the site shows; the tests run the notebooks at the default, smaller scale.
+SITE_SCALE = os.environ.get("TUTORIAL_SCALE", "site")
 
 
 def notebook_paths() -> list[Path]:
     return sorted(TUTORIALS.glob("*.ipynb"))
 
 
-def execute(path: Path, database_url: str) -> nbformat.NotebookNode:
-    """Run every cell of a notebook with DATABASE_URL set; raise on the first cell error."""
+def execute(path: Path, database_url: str, scale: str = "test") -> nbformat.NotebookNode:
+    """Run every cell of a notebook against *database_url*; raise on the first cell error.
+
+    *scale* is "test" for the small sizes of the test run or "site" for the sizes the site
+    shows; the notebooks read it from TUTORIAL_SCALE.
+    """
     notebook = nbformat.read(path, as_version=4)
-    previous = os.environ.get("DATABASE_URL")
-    os.environ["DATABASE_URL"] = database_url
+    settings = {"DATABASE_URL": database_url, "TUTORIAL_SCALE": scale}
+    previous = {name: os.environ.get(name) for name in settings}
+    os.environ.update(settings)
     try:
         client = NotebookClient(
             notebook,
@@ -41,10 +48,11 @@ def execute(path: Path, database_url: str) -> nbformat.NotebookNode:
         )
         client.execute()
     finally:
-        if previous is None:
-            os.environ.pop("DATABASE_URL", None)
-        else:
-            os.environ["DATABASE_URL"] = previous
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
     return notebook
 
 
@@ -61,7 +69,7 @@ def refresh() -> int:
         for path in notebook_paths():
             database = create_database(backend)
             try:
-                notebook = execute(path, database.url)
+                notebook = execute(path, database.url, scale=SITE_SCALE)
             finally:
                 drop_database(database)
             nbformat.write(notebook, path)
