@@ -26,44 +26,95 @@ function respond(statusCode, body) {
   };
 }
 
-// Counts code points, as PostgreSQL's char_length() does, and stops once past `limit`.
-function countCharacters(text, limit) {
-  let count = 0;
-  for (const _ of text) {
-    count += 1;
-    if (count > limit) {
-      break;
+const MAX_BODY_CHARACTERS = 32_768;
+const BASE64 = /^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$/;
+// A JSON string, or one of the characters that open, close or separate values.
+const JSON_TOKEN = /"(?:[^"\\]|\\.)*"|[{}[\],:]/g;
+
+// JSON.parse keeps the last of repeated keys, so this scans text that JSON.parse has
+// accepted. Each open object has a Set of its keys, each open array a null.
+function hasRepeatedKey(text) {
+  const open = [];
+  let expectingKey = false;
+  for (const [token] of text.matchAll(JSON_TOKEN)) {
+    const scope = open.at(-1);
+    if (token === "{") {
+      open.push(new Set());
+      expectingKey = true;
+    } else if (token === "[") {
+      open.push(null);
+    } else if (token === "}" || token === "]") {
+      open.pop();
+      expectingKey = false;
+    } else if (token === ",") {
+      expectingKey = scope instanceof Set;
+    } else if (token === ":") {
+      expectingKey = false;
+    } else if (expectingKey) {
+      const key = JSON.parse(token);
+      if (scope.has(key)) {
+        return true;
+      }
+      scope.add(key);
+      expectingKey = false;
     }
   }
-  return count;
+  return false;
+}
+
+// Buffer.from skips characters that are not base64 and replaces bytes that are not UTF-8,
+// so both are checked here instead.
+function decodeBase64Utf8(encoded) {
+  if (!BASE64.test(encoded)) {
+    return undefined;
+  }
+  try {
+    return new TextDecoder("utf-8", { fatal: true }).decode(Buffer.from(encoded, "base64"));
+  } catch {
+    return undefined;
+  }
 }
 
 // Returns { message } from a valid request, or { reason } to reject the request with.
 function readMessage(event) {
-  const body = event?.body;
+  let body = event?.body;
   if (typeof body !== "string" || body.length === 0) {
     return { reason: "the request has no body" };
   }
-  const text = event.isBase64Encoded ? Buffer.from(body, "base64").toString("utf8") : body;
+  if (body.length > MAX_BODY_CHARACTERS) {
+    return { reason: `the body is longer than ${MAX_BODY_CHARACTERS} characters` };
+  }
+  if (event.isBase64Encoded === true) {
+    body = decodeBase64Utf8(body);
+    if (body === undefined) {
+      return { reason: "the body is not valid base64-encoded UTF-8" };
+    }
+  }
 
   let payload;
   try {
-    payload = JSON.parse(text);
+    payload = JSON.parse(body);
   } catch {
-    return { reason: "the body is not valid JSON" };
+    return { reason: "the body is not JSON, or repeats a key" };
+  }
+  if (hasRepeatedKey(body)) {
+    return { reason: "the body is not JSON, or repeats a key" };
   }
 
   const message = payload?.message;
-  if (typeof message !== "string") {
-    return { reason: 'the body must be a JSON object with a "message" string' };
+  if (typeof message !== "string" || message.trim().length === 0) {
+    return { reason: '"message" must be a non-empty string' };
   }
-  const characters = countCharacters(message, MAX_MESSAGE_CHARACTERS);
-  if (characters === 0 || characters > MAX_MESSAGE_CHARACTERS) {
-    return { reason: `"message" must have 1 to ${MAX_MESSAGE_CHARACTERS} characters` };
+  // Counts code points, as PostgreSQL's char_length() does.
+  if ([...message].length > MAX_MESSAGE_CHARACTERS) {
+    return { reason: `"message" is longer than ${MAX_MESSAGE_CHARACTERS} characters` };
   }
   // PostgreSQL rejects the NUL character in text values.
   if (message.includes("\u0000")) {
     return { reason: '"message" must not contain the NUL character' };
+  }
+  if (!message.isWellFormed()) {
+    return { reason: '"message" must not contain lone surrogates' };
   }
   return { message };
 }

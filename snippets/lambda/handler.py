@@ -12,6 +12,9 @@ from typing import Any
 from psycopg_pool import ConnectionPool
 
 MAX_MESSAGE_LENGTH = 1000
+# Room for the largest valid body, 1000 characters outside the Basic Multilingual Plane
+# escaped as JSON and base64-encoded, and no more.
+MAX_BODY_CHARACTERS = 32_768
 
 # Module scope lives as long as the execution environment, so every warm invocation
 # reuses this pool and its one connection. It is created by the first invocation.
@@ -49,30 +52,48 @@ def get_pool() -> ConnectionPool:
     return pool
 
 
+def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [key for key, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise ValueError("a key is repeated")
+    return dict(pairs)
+
+
+def reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
 def parse_message(event: Any) -> str:
     body = event.get("body") if isinstance(event, dict) else None
-    if not isinstance(body, str):
+    if not isinstance(body, str) or not body:
         raise BadRequest("the request has no body")
+    if len(body) > MAX_BODY_CHARACTERS:
+        raise BadRequest(f"the body is longer than {MAX_BODY_CHARACTERS} characters")
 
-    if event.get("isBase64Encoded"):
+    if event.get("isBase64Encoded") is True:
         try:
             body = base64.b64decode(body, validate=True).decode("utf-8")
         except (binascii.Error, UnicodeDecodeError):
             raise BadRequest("the body is not valid base64-encoded UTF-8") from None
 
     try:
-        payload = json.loads(body)
-    except json.JSONDecodeError:
-        raise BadRequest("the body is not valid JSON") from None
+        payload = json.loads(body, object_pairs_hook=unique_keys, parse_constant=reject_constant)
+    except (ValueError, RecursionError):
+        # ValueError covers invalid JSON and Python's limit on the digits of an integer.
+        raise BadRequest("the body is not JSON, or repeats a key") from None
 
     message = payload.get("message") if isinstance(payload, dict) else None
     if not isinstance(message, str) or not message.strip():
         raise BadRequest('"message" must be a non-empty string')
+    if len(message) > MAX_MESSAGE_LENGTH:
+        raise BadRequest(f'"message" is longer than {MAX_MESSAGE_LENGTH} characters')
     if "\x00" in message:
         # PostgreSQL text cannot hold NUL, so the insert would fail as a server error.
         raise BadRequest('"message" must not contain NUL characters')
-    if len(message) > MAX_MESSAGE_LENGTH:
-        raise BadRequest(f'"message" is longer than {MAX_MESSAGE_LENGTH} characters')
+    try:
+        message.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRequest('"message" must not contain lone surrogates') from None
     return message
 
 
