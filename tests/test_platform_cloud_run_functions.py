@@ -222,6 +222,30 @@ BAD_REQUESTS = {
     "message too long": (send(HttpRequest.message("x" * 1001)), 400),
     "message with nul": (send(HttpRequest.message("a\u0000b")), 400),
     "body over 16 KiB": (send(HttpRequest.message("x" * 20_000)), 413),
+    "body deeply nested": (
+        send(HttpRequest(b"[" * 5000 + b"]" * 5000, content_type="text/plain")),
+        400,
+    ),
+    "body with nan": (
+        send(HttpRequest(b'{"message": "hi", "n": NaN}', content_type="text/plain")),
+        400,
+    ),
+    "body repeats a key": (
+        send(HttpRequest(b'{"message": "a", "message": "b"}', content_type="text/plain")),
+        400,
+    ),
+    "message of 5000 digits": (
+        send(HttpRequest(b'{"message": ' + b"9" * 5000 + b"}", content_type="text/plain")),
+        400,
+    ),
+    "message lone surrogate": (
+        send(HttpRequest(b'{"message": "a\\ud800b"}', content_type="text/plain")),
+        400,
+    ),
+    "body not utf-8": (
+        send(HttpRequest(b'{"message": "caf\xe9"}', content_type="text/plain")),
+        400,
+    ),
     "method get": (send(HttpRequest(b"", method="GET")), 405),
 }
 
@@ -252,7 +276,7 @@ def test_malformed_json_rejected_without_writes(
         # The Node.js framework rejects the body itself, with an HTML page, before the function.
         assert "Bad Request" in invocation.body
     else:
-        assert invocation.body == {"error": "the body is not valid JSON"}
+        assert invocation.body == {"error": "the body is not JSON, or repeats a key"}
     assert database.count_rows("events") == 0
     assert_no_secret_logged(database, instances.outputs)
 

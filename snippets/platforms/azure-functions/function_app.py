@@ -10,6 +10,7 @@ import json
 import os
 import threading
 import uuid
+from typing import Any
 
 import azure.functions as func
 from psycopg_pool import ConnectionPool
@@ -69,6 +70,17 @@ def get_pool() -> ConnectionPool:
     return pool
 
 
+def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [key for key, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise ValueError("a key is repeated")
+    return dict(pairs)
+
+
+def reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
 def parse_message(request: func.HttpRequest) -> str:
     body = request.get_body()
     if len(body) > MAX_BODY_BYTES:
@@ -77,9 +89,10 @@ def parse_message(request: func.HttpRequest) -> str:
         raise BadRequest("the request has no body")
 
     try:
-        payload = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise BadRequest("the body is not valid JSON") from None
+        payload = json.loads(body, object_pairs_hook=unique_keys, parse_constant=reject_constant)
+    except (ValueError, RecursionError):
+        # ValueError covers invalid JSON or UTF-8 and Python's limit on an integer's digits.
+        raise BadRequest("the body is not JSON, or repeats a key") from None
 
     message = payload.get("message") if isinstance(payload, dict) else None
     if not isinstance(message, str) or not message.strip():
@@ -89,6 +102,10 @@ def parse_message(request: func.HttpRequest) -> str:
         raise BadRequest('"message" must not contain NUL characters')
     if len(message) > MAX_MESSAGE_LENGTH:
         raise BadRequest(f'"message" is longer than {MAX_MESSAGE_LENGTH} characters')
+    try:
+        message.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRequest('"message" must not contain lone surrogates') from None
     return message
 
 

@@ -93,6 +93,40 @@ async function checkOut() {
   return connect();
 }
 
+// A JSON string, or one of the characters that open, close or separate values.
+const JSON_TOKEN = /"(?:[^"\\]|\\.)*"|[{}[\],:]/g;
+
+// JSON.parse keeps the last of repeated keys, so this scans text that JSON.parse has
+// accepted. Each open object has a Set of its keys, each open array a null.
+function hasRepeatedKey(text) {
+  const open = [];
+  let expectingKey = false;
+  for (const [token] of text.matchAll(JSON_TOKEN)) {
+    const scope = open.at(-1);
+    if (token === "{") {
+      open.push(new Set());
+      expectingKey = true;
+    } else if (token === "[") {
+      open.push(null);
+    } else if (token === "}" || token === "]") {
+      open.pop();
+      expectingKey = false;
+    } else if (token === ",") {
+      expectingKey = scope instanceof Set;
+    } else if (token === ":") {
+      expectingKey = false;
+    } else if (expectingKey) {
+      const key = JSON.parse(token);
+      if (scope.has(key)) {
+        return true;
+      }
+      scope.add(key);
+      expectingKey = false;
+    }
+  }
+  return false;
+}
+
 // Returns { message } from a valid request, or { status, reason } to reject it with.
 function readMessage(request) {
   // The Functions Framework keeps the unparsed body as a Buffer in rawBody.
@@ -104,11 +138,17 @@ function readMessage(request) {
     return { status: 400, reason: "the request has no body" };
   }
 
+  let text;
   let payload;
   try {
-    payload = JSON.parse(body.toString("utf8"));
+    // A fatal decoder rejects bytes that are not UTF-8 instead of replacing them.
+    text = new TextDecoder("utf-8", { fatal: true }).decode(body);
+    payload = JSON.parse(text);
   } catch {
-    return { status: 400, reason: "the body is not valid JSON" };
+    return { status: 400, reason: "the body is not JSON, or repeats a key" };
+  }
+  if (hasRepeatedKey(text)) {
+    return { status: 400, reason: "the body is not JSON, or repeats a key" };
   }
 
   const message = payload?.message;
@@ -125,6 +165,9 @@ function readMessage(request) {
       status: 400,
       reason: `"message" is longer than ${MAX_MESSAGE_CHARACTERS} characters`,
     };
+  }
+  if (!message.isWellFormed()) {
+    return { status: 400, reason: '"message" must not contain lone surrogates' };
   }
   return { message };
 }
