@@ -9,16 +9,15 @@ check fails.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
-from urllib.parse import urlsplit
+from typing import Any, ClassVar
 
 import pytest
 
 from tests.harness import platform_scenarios as scenarios
 from tests.harness.databases import TestDatabase
-from tests.harness.invocations import FunctionInstance, HttpRequest, InstanceSet
+from tests.harness.invocations import FunctionInstance, HttpRequest, InstanceSet, Invocation
 from tests.harness.lambda_functions import (
     NODE,
     PYTHON,
@@ -28,6 +27,7 @@ from tests.harness.lambda_functions import (
     runtime_client_problem,
 )
 from tests.harness.node import prepare_workspace, require_node
+from tests.harness.platform_checks import BrokenPoolChecks, PlatformChecks
 from tests.harness.snippets import SnippetLoader
 
 HANDLER_PY = "lambda/handler.py"
@@ -54,12 +54,6 @@ Deploy = Callable[..., LambdaDeployment]
 @pytest.fixture(params=LANGUAGES)
 def language(request: pytest.FixtureRequest) -> str:
     return request.param
-
-
-@pytest.fixture
-def instances() -> Iterator[InstanceSet]:
-    with InstanceSet() as started:
-        yield started
 
 
 @pytest.fixture
@@ -99,200 +93,54 @@ def deploy(language: str, snippets: SnippetLoader, tmp_path: Path) -> Deploy:
     return build
 
 
-def assert_no_secret_logged(database: TestDatabase, output: str) -> None:
-    password = urlsplit(database.url).password
-    assert database.url not in output
-    assert password is None or password not in output
-
-
-def test_warm_invocations_one_connection(
-    deploy: Deploy, database: TestDatabase, instances: InstanceSet
-) -> None:
-    result = scenarios.warm(instances, deploy(database), database)
-
-    assert result.failures == []
-    assert result.report.connections_opened == 1
-    assert result.rows == scenarios.WARM_INVOCATIONS
-
-
-def test_concurrent_instances_one_connection_each(
-    deploy: Deploy, database: TestDatabase, instances: InstanceSet
-) -> None:
-    result = scenarios.concurrent(instances, deploy(database), database)
-
-    assert result.failures == []
-    assert result.report.connections_opened == scenarios.INSTANCES
-    assert result.report.sessions_open == scenarios.INSTANCES
-    assert result.rows == scenarios.INSTANCES * scenarios.REQUESTS_PER_INSTANCE
-
-
-def test_sessions_idle_after_each_invocation(
-    deploy: Deploy, database: TestDatabase, instances: InstanceSet
-) -> None:
-    result = scenarios.states_after_each(instances, deploy(database), database)
-
-    assert [invocation.status for invocation in result.invocations] == [
-        201
-    ] * scenarios.STATE_CHECKS
-    assert set(result.states) == {("idle",)}
-    assert len(result.session_ids) == 1
-
-
-def test_recovers_after_idle_timeout(
-    deploy: Deploy, database: TestDatabase, instances: InstanceSet
-) -> None:
-    result = scenarios.after_idle_gap(instances, deploy(database), database)
-
-    assert result.failures == []
-    assert result.report.connections_opened == 2
-
-
-def test_recovers_after_terminate(
-    deploy: Deploy, database: TestDatabase, instances: InstanceSet
-) -> None:
-    result = scenarios.after_terminate(instances, deploy(database), database)
-
-    assert result.failures == []
-    assert result.report.connections_opened == 2
-    assert_no_secret_logged(database, instances.outputs)
-
-
-def test_recovers_after_terminate_while_frozen(
-    deploy: Deploy, database: TestDatabase, instances: InstanceSet
-) -> None:
-    result = scenarios.after_terminate_while_frozen(instances, deploy(database), database)
-
-    assert result.failures == []
-    assert result.report.connections_opened == 2
-
-
-@pytest.mark.private_server
-def test_recovers_after_server_restart(
-    deploy: Deploy, private_server: Any, instances: InstanceSet
-) -> None:
-    database = private_server.database
-
-    result = scenarios.after_restart(instances, deploy(database), database, private_server.restart)
-
-    assert result.failures == []
-    assert result.report.connections_opened == 2
-    assert result.rows == 2 * scenarios.INVOCATIONS_AROUND_EVENT
-
-
-def test_request_id_reaches_handler(
-    deploy: Deploy, database: TestDatabase, instances: InstanceSet
-) -> None:
-    instance = instances.start(deploy(database))
-    assert isinstance(instance, LambdaInstance)
-    request_id = str(uuid.uuid4())
-    event = api_gateway_event(HttpRequest.message("delivered twice"))
-
-    first = instance.invoke_event(event, request_id=request_id)
-    second = instance.invoke_event(event, request_id=request_id)
-
-    with database.connect() as connection:
-        stored = connection.execute("SELECT request_id FROM events").fetchall()
-    assert first.status == 201
-    assert second.status == 200
-    assert second.body == first.body
-    assert stored == [(request_id,)]
-
-
-def send_event(event: Any) -> Callable[[FunctionInstance], Any]:
-    def send(instance: FunctionInstance) -> Any:
+def send_event(event: Any) -> scenarios.Sender:
+    def send(instance: FunctionInstance) -> Invocation:
         assert isinstance(instance, LambdaInstance)
         return instance.invoke_event(event)
 
     return send
 
 
-def send_request(request: HttpRequest) -> Callable[[FunctionInstance], Any]:
-    return lambda instance: instance.invoke(request)
+class TestAwsLambda(PlatformChecks):
+    """The handler with its pool at module level, run by the runtime interface client."""
+
+    BAD_REQUESTS: ClassVar[dict[str, tuple[scenarios.Sender, int]]] = {
+        "event not an object": (send_event(["not", "an", "object"]), 400),
+        "no body": (scenarios.send(HttpRequest(b"")), 400),
+        "body a number": (
+            send_event({"version": "2.0", "body": 42, "isBase64Encoded": False}),
+            400,
+        ),
+        "body not json": (
+            scenarios.send(HttpRequest(b"message=hello", content_type="text/plain")),
+            400,
+        ),
+        "body json array": (scenarios.send(HttpRequest.json(["hello"])), 400),
+        "message missing": (scenarios.send(HttpRequest.json({"text": "hello"})), 400),
+        "message a number": (scenarios.send(HttpRequest.json({"message": 42})), 400),
+        "message too long": (scenarios.send(HttpRequest.message("x" * 1001)), 400),
+        "body of 256 KiB": (scenarios.send(HttpRequest.message("x" * 256 * 1024)), 400),
+        "body not utf-8": (scenarios.send(HttpRequest(b"\xff\xfe{}")), 400),
+    }
+
+    def test_request_id_reaches_handler(
+        self, deploy: Deploy, database: TestDatabase, instances: InstanceSet
+    ) -> None:
+        instance = instances.start(deploy(database))
+        assert isinstance(instance, LambdaInstance)
+        request_id = str(uuid.uuid4())
+        event = api_gateway_event(HttpRequest.message("delivered twice"))
+
+        first = instance.invoke_event(event, request_id=request_id)
+        second = instance.invoke_event(event, request_id=request_id)
+
+        with database.connect() as connection:
+            stored = connection.execute("SELECT request_id FROM events").fetchall()
+        assert first.status == 201
+        assert second.status == 200
+        assert second.body == first.body
+        assert stored == [(request_id,)]
 
 
-BAD_REQUESTS = {
-    "event not an object": send_event(["not", "an", "object"]),
-    "no body": send_request(HttpRequest(b"")),
-    "body a number": send_event({"version": "2.0", "body": 42, "isBase64Encoded": False}),
-    "body not json": send_request(HttpRequest(b"message=hello", content_type="text/plain")),
-    "body json array": send_request(HttpRequest.json(["hello"])),
-    "message missing": send_request(HttpRequest.json({"text": "hello"})),
-    "message a number": send_request(HttpRequest.json({"message": 42})),
-    "message too long": send_request(HttpRequest.message("x" * 1001)),
-    "body of 256 KiB": send_request(HttpRequest.message("x" * 256 * 1024)),
-    "body not utf-8": send_request(HttpRequest(b"\xff\xfe{}")),
-}
-
-
-def test_bad_requests_rejected_without_writes(
-    deploy: Deploy, database: TestDatabase, instances: InstanceSet
-) -> None:
-    instance = instances.start(deploy(database))
-
-    outcomes = scenarios.rejected(instance, BAD_REQUESTS)
-
-    assert outcomes == dict.fromkeys(BAD_REQUESTS, (400, True))
-    assert database.count_rows("events") == 0
-    assert database.view.connections_opened() == 0
-    assert_no_secret_logged(database, instances.outputs)
-
-
-class TestBrokenPoolPerInvocation:
+class TestBrokenPoolPerInvocation(BrokenPoolChecks):
     """The handler with its pool created inside every invocation fails each check above."""
-
-    def test_warm_invocations_open_many(
-        self, deploy: Deploy, database: TestDatabase, instances: InstanceSet
-    ) -> None:
-        result = scenarios.warm(instances, deploy(database, broken=True), database)
-
-        assert result.failures == []
-        assert result.report.connections_opened == scenarios.WARM_INVOCATIONS
-
-    def test_concurrent_instances_open_more(
-        self, deploy: Deploy, database: TestDatabase, instances: InstanceSet
-    ) -> None:
-        result = scenarios.concurrent(instances, deploy(database, broken=True), database)
-
-        assert result.report.connections_opened > scenarios.INSTANCES
-
-    def test_sessions_change_or_pile_up(
-        self, deploy: Deploy, database: TestDatabase, instances: InstanceSet
-    ) -> None:
-        result = scenarios.states_after_each(instances, deploy(database, broken=True), database)
-
-        assert len(result.session_ids) > 1
-
-    def test_idle_timeout_opens_more(
-        self, deploy: Deploy, database: TestDatabase, instances: InstanceSet
-    ) -> None:
-        result = scenarios.after_idle_gap(instances, deploy(database, broken=True), database)
-
-        assert result.report.connections_opened > 2
-
-    def test_terminate_opens_more(
-        self, deploy: Deploy, database: TestDatabase, instances: InstanceSet
-    ) -> None:
-        result = scenarios.after_terminate(instances, deploy(database, broken=True), database)
-
-        assert result.report.connections_opened > 2
-
-    def test_frozen_terminate_opens_more(
-        self, deploy: Deploy, database: TestDatabase, instances: InstanceSet
-    ) -> None:
-        result = scenarios.after_terminate_while_frozen(
-            instances, deploy(database, broken=True), database
-        )
-
-        assert result.report.connections_opened > 2
-
-    @pytest.mark.private_server
-    def test_restart_opens_more(
-        self, deploy: Deploy, private_server: Any, instances: InstanceSet
-    ) -> None:
-        database = private_server.database
-
-        result = scenarios.after_restart(
-            instances, deploy(database, broken=True), database, private_server.restart
-        )
-
-        assert result.report.connections_opened > 2

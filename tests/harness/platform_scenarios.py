@@ -188,8 +188,51 @@ def states_after_each(
     return StatesResult(tuple(outcomes), tuple(states), frozenset(session_ids))
 
 
+Sender = Callable[[FunctionInstance], Invocation]
+
+
+def send(request: HttpRequest) -> Sender:
+    """Return a sender that invokes an instance with *request*."""
+    return lambda instance: instance.invoke(request)
+
+
+# Bad requests that the HTTP-triggered functions (Cloud Run functions, Azure Functions) reject
+# alike, each with the status it must get.
+BAD_HTTP_REQUESTS: dict[str, tuple[Sender, int]] = {
+    "no body": (send(HttpRequest(b"")), 400),
+    "body not json": (send(HttpRequest(b"message=hello", content_type="text/plain")), 400),
+    "body json array": (send(HttpRequest.json(["hello"])), 400),
+    "message missing": (send(HttpRequest.json({"text": "hello"})), 400),
+    "message a number": (send(HttpRequest.json({"message": 42})), 400),
+    "message blank": (send(HttpRequest.message("   ")), 400),
+    "message too long": (send(HttpRequest.message("x" * 1001)), 400),
+    "message with nul": (send(HttpRequest.message("a\u0000b")), 400),
+    "body over 16 KiB": (send(HttpRequest.message("x" * 20_000)), 413),
+    "body deeply nested": (
+        send(HttpRequest(b"[" * 5000 + b"]" * 5000, content_type="text/plain")),
+        400,
+    ),
+    "body with nan": (
+        send(HttpRequest(b'{"message": "hi", "n": NaN}', content_type="text/plain")),
+        400,
+    ),
+    "body repeats a key": (
+        send(HttpRequest(b'{"message": "a", "message": "b"}', content_type="text/plain")),
+        400,
+    ),
+    "message of 5000 digits": (
+        send(HttpRequest(b'{"message": ' + b"9" * 5000 + b"}", content_type="text/plain")),
+        400,
+    ),
+    "message lone surrogate": (
+        send(HttpRequest(b'{"message": "a\\ud800b"}', content_type="text/plain")),
+        400,
+    ),
+}
+
+
 def rejected(
-    instance: FunctionInstance, requests: dict[str, Callable[[FunctionInstance], Invocation]]
+    instance: FunctionInstance, requests: dict[str, Sender]
 ) -> dict[str, tuple[int | None, bool]]:
     """Run each named bad request; return its status and whether the body carried a reason."""
     outcomes = {}
