@@ -7,6 +7,7 @@ this check keeps a notebook with an error, or with cells never run, off the site
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from mkdocs.exceptions import PluginError
@@ -41,3 +42,25 @@ def on_files(files, config):
                 "it again and save the outputs."
             )
     return files
+
+
+# mkdocs-jupyter's page template carries a module script that would import Mermaid from a
+# CDN when a notebook has a diagram, and an empty MathJax script tag. The site loads
+# nothing from other hosts, so both are removed from notebook pages.
+MODULE_SCRIPT = re.compile(r'<script type="module">((?:(?!</script>).)*)</script>', re.S)
+EMPTY_SCRIPT = re.compile(r'<script src="">\s*</script>')
+
+
+def strip_remote_loaders(html: str) -> str:
+    """Return *html* without the template's scripts that reach other hosts."""
+
+    def keep_local(match: re.Match[str]) -> str:
+        return "" if "https://" in match.group(1) else match.group(0)
+
+    return EMPTY_SCRIPT.sub("", MODULE_SCRIPT.sub(keep_local, html))
+
+
+def on_post_page(output, page, config):
+    if page.file.src_path.endswith(".ipynb"):
+        return strip_remote_loaders(output)
+    return output
