@@ -56,7 +56,7 @@ def serve(session: nox.Session) -> None:
 def test(session: nox.Session) -> None:
     """Run every example and test against a database; arguments go to pytest."""
     install_group(session, "test")
-    # Installs the npm packages of the JavaScript examples, or says why they will be skipped.
+    # Installs the npm packages of the JavaScript examples, or prints why they will be skipped.
     session.run("python", "-m", "tests.harness.node", "install")
 
     arguments = list(session.posargs)

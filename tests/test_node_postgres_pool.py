@@ -22,7 +22,7 @@ CONCURRENT_CALLS = 4
 # Longer than the 1-second lifetime of the changed copy, with room for timer delays.
 LIFETIME_WAIT_SECONDS = 2.5
 
-# Each call holds its connection for event.holdSeconds, so that concurrent calls overlap.
+# Each call keeps its connection for event.holdSeconds, so that concurrent calls overlap.
 CALLER = """\
 import { getPool, withClient } from "./pool.mjs";
 

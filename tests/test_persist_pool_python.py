@@ -20,7 +20,7 @@ INVOCATIONS = 50
 
 pytestmark = [pytest.mark.snippet(HANDLER), pytest.mark.snippet(SCHEMA)]
 
-# Broken copies of the handler, each removing one thing the page says it needs.
+# Broken copies of the handler, each removing one thing the page states it needs.
 POOL_PER_INVOCATION = (
     (
         "        if pool is None:\n",
@@ -214,7 +214,7 @@ def test_missing_database_url_named(function_database, snippets, monkeypatch):
 
 
 class TestBrokenCopiesFail:
-    """Each check above goes red when the handler loses what the page says it needs."""
+    """Each check above goes red when the handler loses what the page states it needs."""
 
     def test_pool_per_invocation_opens_one_each(self, function_database, snippets):
         handler = snippets.load(HANDLER, POOL_PER_INVOCATION)

@@ -10,14 +10,13 @@ from __future__ import annotations
 import dataclasses
 import doctest
 import json
-import secrets
 import shutil
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
-from urllib.parse import quote, urlsplit, urlunsplit
 
 import psycopg
 import pytest
@@ -25,6 +24,7 @@ import pytest
 from tests.harness.databases import TestDatabase
 from tests.harness.function_instances import FunctionInstances, running_instances
 from tests.harness.node import prepare_workspace, require_node, run_javascript
+from tests.harness.roles import LoginRole, login_role, run_as_admin, with_user
 from tests.harness.snippets import ROOT
 
 BUDGET = "sizing/connection_budget.py"
@@ -448,52 +448,15 @@ class TestInstancesTimesPoolMax:
 # --- At the connection limit ---------------------------------------------------------------
 
 
-def with_user(url: str, user: str, password: str | None = None) -> str:
-    """Return *url* logging in as *user* on the same server and database."""
-    parts = urlsplit(url)
-    host = parts.netloc.rsplit("@", 1)[-1]
-    login = quote(user) if password is None else f"{quote(user)}:{quote(password)}"
-    return urlunsplit(parts._replace(netloc=f"{login}@{host}"))
-
-
-@dataclasses.dataclass(frozen=True)
-class FunctionRole:
-    """A login role of the test's own, which connection limits apply to, unlike superusers."""
-
-    name: str
-    url: str
-
-
-def run_as_admin(database: TestDatabase, statement: str, params: tuple = ()) -> None:
-    """Run *statement* as the run's superuser, connected to the server's admin database.
-
-    The server counts every connection to the test database against its limit, superusers'
-    included, and a closed connection can linger for a moment; the admin database keeps the
-    harness's own connections out of that count.
-    """
-    with psycopg.connect(database.backend.admin_url, autocommit=True) as connection:
-        connection.execute(statement, params)
-
-
 @pytest.fixture
-def function_role(database: TestDatabase) -> Any:
+def function_role(database: TestDatabase) -> Iterator[LoginRole]:
     if database.backend.is_cockroachdb:
         pytest.skip(
             "CONNECTION LIMIT on a database or role is PostgreSQL's; CockroachDB limits "
             "connections per node with server.max_connections_per_gateway instead"
         )
-    name = f"fn_{database.name}"
-    password = secrets.token_hex(16)
-    run_as_admin(database, f"CREATE ROLE \"{name}\" LOGIN PASSWORD '{password}'")
-
-    yield FunctionRole(name, with_user(database.url, name, password))
-
-    run_as_admin(
-        database,
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s",
-        (name,),
-    )
-    run_as_admin(database, f'DROP ROLE IF EXISTS "{name}"')
+    with login_role(database) as role:
+        yield role
 
 
 def set_database_limit(database: TestDatabase, limit: int) -> None:

@@ -102,7 +102,7 @@ def plain_database(database: TestDatabase, backend: BackendInfo) -> TestDatabase
 
 @pytest.fixture
 def empty_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    # Keeps libpq away from the real ~/.postgresql of whoever runs the tests.
+    # Keeps libpq away from the real ~/.postgresql of the user running the tests.
     home = tmp_path / "home"
     home.mkdir()
     monkeypatch.setenv("HOME", str(home))

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import json
 import re
-import secrets
 import textwrap
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import psycopg
 import psycopg2
@@ -33,6 +32,7 @@ from tests.harness.node import (
     require_node,
     run_javascript,
 )
+from tests.harness.roles import login_role, run_as_admin
 from tests.harness.silent_server import SilentServer
 from tests.harness.snippets import ROOT, SnippetLoader
 from tests.harness.tls_server import (
@@ -423,19 +423,6 @@ def test_node_client_without_listener_crashes(node_caller, database):
 # --- Too many connections (SQLSTATE 53300) --------------------------------------------------
 
 
-def with_user(url: str, user: str, password: str) -> str:
-    """Return *url* logging in as *user* on the same server and database."""
-    parts = urlsplit(url)
-    host = parts.netloc.rsplit("@", 1)[-1]
-    return urlunsplit(parts._replace(netloc=f"{quote(user)}:{quote(password)}@{host}"))
-
-
-def run_as_admin(database: TestDatabase, statement: str, params: tuple = ()) -> None:
-    # Connected to the admin database, so these sessions do not count against the limit.
-    with psycopg.connect(database.backend.admin_url, autocommit=True) as connection:
-        connection.execute(statement, params)
-
-
 @pytest.fixture
 def limited_url(database: TestDatabase) -> Iterator[str]:
     """A URL for a role of the test's own, on a database that accepts CONNECTION_LIMIT sessions.
@@ -447,19 +434,11 @@ def limited_url(database: TestDatabase) -> Iterator[str]:
             "CONNECTION LIMIT is PostgreSQL's; CockroachDB limits connections per node with "
             "server.max_connections_per_gateway"
         )
-    role = f"fn_{database.name}"
-    password = secrets.token_hex(16)
-    run_as_admin(database, f"CREATE ROLE \"{role}\" LOGIN PASSWORD '{password}'")
-    run_as_admin(database, f"ALTER DATABASE {database.name} CONNECTION LIMIT {CONNECTION_LIMIT}")
-
-    yield with_user(database.url, role, password)
-
-    run_as_admin(
-        database,
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s",
-        (role,),
-    )
-    run_as_admin(database, f'DROP ROLE IF EXISTS "{role}"')
+    with login_role(database) as role:
+        run_as_admin(
+            database, f"ALTER DATABASE {database.name} CONNECTION LIMIT {CONNECTION_LIMIT}"
+        )
+        yield role.url
 
 
 def test_psycopg_too_many_connections(database, limited_url):

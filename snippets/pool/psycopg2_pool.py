@@ -42,7 +42,7 @@ def get_pool() -> SimpleConnectionPool:
 
 
 def is_usable(conn: Connection) -> bool:
-    """Tell whether a pooled connection is young enough and still answers the server."""
+    """Tell whether a pooled connection is young enough and still responds to a query."""
     if conn.closed:
         return False
     age = time.monotonic() - opened_at.setdefault(id(conn), time.monotonic())

@@ -1,5 +1,5 @@
 // Tell a connection refused at the server's connection limit from other failures, by the
-// SQLSTATE the server sent, and say what to change.
+// SQLSTATE the server sent, and name what to change.
 
 // too_many_connections. PostgreSQL sends it when max_connections or a database's or role's
 // CONNECTION LIMIT is reached; CockroachDB when server.max_connections_per_gateway is.

@@ -243,7 +243,7 @@ def main(arguments: list[str]) -> int:
 
     threads_setting = os.environ.get("PYTHON_THREADPOOL_THREAD_COUNT")
     # NOTE: Azure documents None, the executor's default, as the unset size for Python 3.9
-    # only; the tests always set the count, so newer versions' default is not relied on.
+    # only. The tests always set the count, so no newer version's default is relied on.
     threads = int(threads_setting) if threads_setting else None
     _reply(output, lock, {"ready": True})
     with ThreadPoolExecutor(max_workers=threads) as executor:

@@ -2,8 +2,8 @@
 
 A fence may carry `test="skip"` with `reason="..."`, or `test="cockroachdb-only"`, in
 braces after the language: ```python {test="skip" reason="prints a secret"}```. A fence
-that only includes a file from snippets/ is not a block of its own; the file is tested
-as a whole by its own tests.
+that only includes a file from snippets/ is not a block of its own, because the file is
+tested as a whole by its own tests.
 """
 
 from __future__ import annotations

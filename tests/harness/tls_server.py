@@ -187,7 +187,7 @@ class TlsPostgres(LocalPostgres):
         )
 
     def tls_sessions(self, role: str) -> list[bool]:
-        """Return, for each open session of *role*, whether the server sees it using TLS."""
+        """Return, for each open session of *role*, whether the server reports it as using TLS."""
         with psycopg.connect(self.url, autocommit=True) as connection:
             rows = connection.execute(
                 "SELECT s.ssl FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) "
